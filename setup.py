@@ -47,7 +47,7 @@ setup(
         "psutil",
     ],
     extras_require={
-        "dev": ["pytest", "build", "wheel", "peft", "matplotlib", "lmdb", "hyperopt==0.2.5"],
+        "dev": ["pytest", "setuptools", "wheel", "peft", "matplotlib", "lmdb", "hyperopt==0.2.5"],
         "tune": ["hyperopt==0.2.5"],
         "peft": ["peft"],
         "plot": ["matplotlib"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 
 from recbole.data import data_preparation as recbole_data_preparation
@@ -31,14 +32,29 @@ def get_model(model_name: str) -> type:
     if model_name in PLUGIN_MODELS:
         module = importlib.import_module(PLUGIN_MODELS[model_name])
         return getattr(module, model_name)
-    try:
-        return recbole_get_model(model_name)
-    except ValueError:
+    if not _is_recbole_model_file(model_name):
         raise ValueError(
             f"unknown model '{model_name}': it is neither a recbole_iisan model "
             f"({', '.join(sorted(PLUGIN_MODELS))}) nor a RecBole 1.2.1 model "
             "(model names are case-sensitive, e.g. SASRec, GRU4Rec, BERT4Rec)"
-        ) from None
+        )
+    try:
+        return recbole_get_model(model_name)
+    except AttributeError:  # right file, wrong case: e.g. "SASREC"
+        raise ValueError(f"unknown model '{model_name}' (model names are case-sensitive)") from None
+
+
+def _is_recbole_model_file(model_name: str) -> bool:
+    # Looked up on disk: RecBole's own lookup imports every model family on the way,
+    # including exlib_recommender, which fails without lightgbm/xgboost installed and
+    # would hide a simple typo behind a ModuleNotFoundError.
+    spec = importlib.util.find_spec("recbole.model")
+    file_name = f"{model_name.lower()}.py"
+    return any(
+        os.path.isfile(os.path.join(root, family, file_name))
+        for root in spec.submodule_search_locations
+        for family in os.listdir(root)
+    )
 
 
 def get_trainer(model_type: ModelType, model_name: str) -> type:
