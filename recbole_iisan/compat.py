@@ -41,3 +41,37 @@ def load_checkpoint(path, map_location=None) -> dict:
     full unpickler is used for this call only (no environment variable is touched).
     """
     return torch.load(str(path), map_location=map_location, weights_only=False)
+
+
+def import_hyperopt():
+    """hyperopt (RecBole pins 0.2.5), importable where setuptools no longer ships pkg_resources.
+
+    hyperopt 0.2.5 imports ``pkg_resources`` at import time, for its ATPE algorithm's
+    bundled model files only (RecBole's HyperTuning never uses ATPE); setuptools >= 81
+    removed that module. A stand-in offering ``resource_string`` is present during the
+    import alone and removed right after, so nothing else ever sees it.
+    """
+    try:
+        import hyperopt
+        return hyperopt
+    except ModuleNotFoundError as err:
+        if err.name == "hyperopt":
+            raise ModuleNotFoundError(
+                "hyperparameter tuning needs hyperopt==0.2.5 (RecBole's pin): "
+                "pip install 'recbole_iisan[tune]'", name="hyperopt") from None
+        if err.name != "pkg_resources":
+            raise
+    import importlib.resources
+    import sys
+    import types
+
+    stand_in = types.ModuleType("pkg_resources")
+    stand_in.resource_string = (
+        lambda package, name: importlib.resources.files(package).joinpath(name).read_bytes())
+    sys.modules["pkg_resources"] = stand_in
+    try:
+        import hyperopt
+    finally:
+        if sys.modules.get("pkg_resources") is stand_in:
+            del sys.modules["pkg_resources"]
+    return hyperopt

@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 
 from recbole.config import Config as RecBoleConfig
+from recbole.utils import InputType
 
 from recbole_iisan.compat import add_numpy_aliases
+from recbole_iisan.distributed import init_rank
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -97,8 +99,14 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         props = properties_dir()
+        # A plugin model's yaml is layered over those of the plugin models it derives from
+        # (IISAN.yaml over IISANVersa.yaml), so a preset states only what differs.
+        model_files = [props / "model" / f"{cls.__name__}.yaml"
+                       for cls in reversed(model_class.__mro__)
+                       if getattr(cls, "plugin_model", False) and cls.__name__ != model]
         for file in (
             props / "overall.yaml",
+            *model_files,
             props / "model" / f"{model}.yaml",
             props / "dataset" / f"{dataset}.yaml",
         ):
@@ -108,6 +116,13 @@ class Config(RecBoleConfig):
                     self.parameters["Dataset"] += [
                         k for k in loaded if k not in self.parameters["Dataset"]
                     ]
+
+    def _init_device(self):
+        # RecBole's multi-process set-up is CUDA and nccl only; ours also runs ranks on the
+        # CPU with gloo (see recbole_iisan.distributed). A single process is RecBole's.
+        if "local_rank" not in self.final_config_dict:
+            return super()._init_device()
+        init_rank(self.final_config_dict)
 
     def _set_default_parameters(self):
         if "data_path" not in self.external_config_dict:
@@ -120,6 +135,9 @@ class Config(RecBoleConfig):
             if loss_type in ("CE", "INBATCH"):
                 self.final_config_dict["train_neg_sample_args"] = None
         super()._set_default_parameters()
+        if "MODEL_INPUT_TYPE" not in self.final_config_dict:
+            # RecBole knows CE and BPR; the in-batch loss reads plain (pointwise) rows.
+            self.final_config_dict["MODEL_INPUT_TYPE"] = InputType.POINTWISE
         if self.final_config_dict.get("cache_dir") is None:
             self.final_config_dict["cache_dir"] = os.path.join(
                 self.final_config_dict["checkpoint_dir"], "layer_cache"

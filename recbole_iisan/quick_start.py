@@ -14,6 +14,7 @@ from recbole.utils import get_flops, init_logger, init_seed, set_color
 from recbole.data.transform import construct_transform
 
 from recbole_iisan.config import Config
+from recbole_iisan.distributed import cpu_threads_per_rank, find_free_port
 from recbole_iisan.utils import create_dataset, data_preparation, get_model, get_trainer, is_plugin_model
 
 
@@ -92,3 +93,59 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     config_dict = dict(config_dict or {})
     config_dict.setdefault("show_progress", False)
     return run_recbole_iisan(config_file_list=config_file_list, config_dict=config_dict, saved=saved)
+
+
+def run_recbole_iisan_ddp(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
+                          cmd_args=None, nproc=1, world_size=-1, ip="localhost", port=None,
+                          group_offset=0, all_ranks=False):
+    """``run_recbole_iisan`` in ``nproc`` processes on this machine, one rank each.
+
+    ``world_size`` (default ``nproc``) counts the ranks of every machine; a machine runs
+    ranks ``group_offset`` .. ``group_offset + nproc - 1`` and all meet at ``ip:port``
+    (rank 0's machine). On one machine the port may be left out: a free one is taken.
+    Each rank runs on its own GPU (``gpu_id``) or, without one, on the CPU with gloo.
+    Returns the result of local rank 0 (metrics are gathered over all ranks), or with
+    ``all_ranks`` the list of this machine's results by local rank. With ``nproc == 1``
+    and no ``world_size`` it is a plain single-process run.
+    """
+    if nproc <= 1 and world_size <= 0:
+        result = run_recbole_iisan(model=model, dataset=dataset, config_file_list=config_file_list,
+                                   config_dict=config_dict, saved=saved, cmd_args=cmd_args)
+        return [result] if all_ranks else result
+    import torch.multiprocessing as mp
+
+    world_size = nproc if world_size <= 0 else world_size
+    if port is None:
+        if world_size > nproc:
+            raise ValueError("a run over several machines needs an explicit port, the same on every machine")
+        port = find_free_port()
+    launch = {"world_size": world_size, "nproc": nproc, "ip": ip, "port": int(port),
+              "offset": group_offset}
+    # A spawn queue, not a fork one: ranks are started with spawn (CUDA cannot be forked).
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_run_rank, nprocs=nproc, join=True,
+             args=(model, dataset, config_file_list, dict(config_dict or {}, **launch), saved,
+                   list(cmd_args or []), queue))
+    results = {}
+    while not queue.empty():
+        local_rank, result = queue.get()
+        results[local_rank] = result
+    if all_ranks:
+        return [results.get(rank) for rank in range(nproc)]
+    return results.get(0)
+
+
+def _run_rank(local_rank, model, dataset, config_file_list, config_dict, saved, cmd_args, queue):
+    import torch
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads_per_rank(config_dict["nproc"]))
+    try:
+        result = run_recbole_iisan(model=model, dataset=dataset, config_file_list=config_file_list,
+                                   config_dict=dict(config_dict, local_rank=local_rank), saved=saved,
+                                   cmd_args=cmd_args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    queue.put((local_rank, result))

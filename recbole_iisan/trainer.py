@@ -2,6 +2,7 @@
 models, to save only what training changes."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -9,6 +10,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_iisan.compat import load_checkpoint
+from recbole_iisan.distributed import barrier, broadcast_from_main, wrap_model
 from recbole_iisan.efficiency import PeakMemory, count_parameters, mean, stopwatch
 
 
@@ -23,7 +25,21 @@ class MeteredTrainerMixin:
     """
 
     def __init__(self, config, model):
-        super().__init__(config, model)
+        # RecBole wraps the model as DDP(device_ids=[local_rank]), which works on CUDA only:
+        # let it build a single-process trainer, then wrap for the rank's own device.
+        distributed = not config["single_spec"]
+        if distributed:
+            config["single_spec"] = True
+            # RecBole's ensure_dir checks, then creates: ranks racing there crash.
+            os.makedirs(config["checkpoint_dir"], exist_ok=True)
+        try:
+            super().__init__(config, model)
+        finally:
+            config["single_spec"] = not distributed
+        if distributed:
+            self.distributed_model = wrap_model(self.model, config["device"])
+            # Its name carries the local time: every rank must load rank 0's checkpoint.
+            self.saved_model_file = broadcast_from_main(self.saved_model_file)
         self.epoch_seconds: list[float] = []
         self.eval_seconds: list[float] = []
         self.peak_memory = PeakMemory(self.device)
@@ -76,6 +92,8 @@ class MeteredTrainerMixin:
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
     def load_best_model(self, model_file=None) -> None:
+        # In a distributed run rank 0 alone writes the checkpoint; the others wait for it.
+        barrier()
         checkpoint_file = model_file or self.saved_model_file
         checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)
         self._load_model_state(checkpoint["state_dict"])
