@@ -5,8 +5,9 @@
         [--algo exhaustive|random|bayes] [--max_evals N] [--output_file F] [--tool hyperopt|ray]
 
 Every trial's parameters and valid/test results, then the best, are written to the
-output file (JSON when its name ends in .json). Unknown ``--key=value`` arguments are
-config settings shared by every trial, e.g. ``--epochs=5``.
+output file (JSON when its name ends in .json), rewritten after each trial. Unknown
+``--key=value`` arguments are config settings shared by every trial, e.g.
+``--data_path=/data``; a setting the params file sweeps (or fixes) is refused there.
 """
 import argparse
 

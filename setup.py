@@ -48,7 +48,13 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "setuptools", "wheel", "peft", "matplotlib", "lmdb", "hyperopt==0.2.5"],
-        "tune": ["hyperopt==0.2.5"],
+        # run_hyper.py: hyperopt as RecBole pins it; Ray Tune (--tool ray) in the versions
+        # RecBole 1.2.1 accepts, which need numpy<2 and pkg_resources and have no wheels for
+        # Python >= 3.12 (there run_hyper.py offers --tool hyperopt only).
+        "tune": ["hyperopt==0.2.5",
+                 'ray[tune]>=1.13,<=2.6.3; python_version < "3.12"',
+                 'numpy<2; python_version < "3.12"',
+                 'setuptools<81; python_version < "3.12"'],
         "peft": ["peft"],
         "plot": ["matplotlib"],
         "lmdb": ["lmdb"],

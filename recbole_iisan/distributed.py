@@ -10,13 +10,12 @@ Every helper is a no-op in a single-process run, so callers need no ``if``.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,10 +25,13 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "gloo", "nccl")
 DEFAULT_TIMEOUT_SECONDS = 3600
 
-_Fn = TypeVar("_Fn", bound=Callable[..., Any])
-
 
 # -- where this process stands -----------------------------------------------------------
+# This process's rank on its own machine, set by init_rank. Processes started otherwise
+# (torchrun) have LOCAL_RANK in the environment; a group made by hand counts as one machine.
+_local_rank: int | None = None
+
+
 def is_distributed() -> bool:
     """True inside an initialised process group."""
     return dist.is_available() and dist.is_initialized()
@@ -38,6 +40,15 @@ def is_distributed() -> bool:
 def get_rank() -> int:
     """This process's global rank; 0 when not distributed."""
     return dist.get_rank() if is_distributed() else 0
+
+
+def get_local_rank() -> int:
+    """This process's rank on its machine; 0 when not distributed."""
+    if not is_distributed():
+        return 0
+    if _local_rank is not None:
+        return _local_rank
+    return int(os.environ.get("LOCAL_RANK", get_rank()))
 
 
 def get_world_size() -> int:
@@ -49,59 +60,76 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    """Wait for every rank; nothing to wait for in a single process."""
-    if is_distributed():
-        dist.barrier()
-
-
 # -- doing something once ----------------------------------------------------------------
+# The stages of main_process_first: global rank 0; then the first rank of every other
+# machine; then everyone else.
+_STAGES = ("rank 0", "the first rank of each other machine", "the other ranks")
+
+
 @contextmanager
 def main_process_first() -> Iterator[bool]:
-    """Run the block on rank 0 first, then on the other ranks.
+    """Run the block on rank 0 first, then on each other machine's first rank, then on the rest.
 
-    For work whose result rank 0 leaves on disk (the layer cache): rank 0 builds it, the
-    others wait, then run the same block and find it there (they load, they do not
-    build). Yields whether this process is rank 0, so a block can skip what must happen
-    once (e.g. ``rebuild=rebuild and is_main``). If rank 0 fails, the other ranks raise
-    instead of repeating the work, and nobody waits forever.
+    For work whose result is left on disk (the layer cache): rank 0 builds it while the
+    others wait; on a shared file system every other rank then finds it and loads it. Where
+    each machine has its own disk, the first rank of each machine builds its copy (once per
+    machine, never two processes racing on one folder), and its machine's other ranks load
+    that. Yields whether this process is rank 0.
+
+    If the block fails on any rank, every rank raises (naming the failed rank) instead of
+    waiting forever or repeating work that cannot succeed.
     """
     if not is_distributed():
         yield True
         return
+    rank = get_rank()
+    my_stage = 0 if rank == 0 else 1 if get_local_rank() == 0 else 2
+    for stage in range(my_stage):
+        _end_stage(stage, None)
+    try:
+        yield rank == 0
+    except BaseException as err:
+        _end_stage(my_stage, f"{type(err).__name__}: {err}", own_error=True)
+        raise
+    for stage in range(my_stage, len(_STAGES)):
+        _end_stage(stage, None)
+
+
+def _end_stage(stage: int, failure: str | None, own_error: bool = False) -> None:
+    # Every rank takes part in every stage's gather, so all ranks see the same failures
+    # at the same point and stop together.
+    outcomes: list = [None] * get_world_size()
+    dist.all_gather_object(outcomes, failure)
+    failed = [(rank, text) for rank, text in enumerate(outcomes) if text is not None]
+    if failed and not own_error:
+        rank, text = failed[0]
+        raise RuntimeError(
+            f"rank {get_rank()}: rank {rank} failed in a main-process-first block "
+            f"(see rank {rank}'s log): {text}"
+        )
+
+
+def run_on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` computed on rank 0 alone, its result (a picklable object) on every rank.
+
+    If it raises on rank 0, the other ranks raise too, with rank 0's error, instead of
+    waiting. In a single process it is just ``fn()``.
+    """
+    if not is_distributed():
+        return fn()
+    box: list = [None]
     if is_main_process():
         try:
-            yield True
-        except BaseException as err:
-            _share_outcome(f"{type(err).__name__}: {err}")
+            box[0] = ("ok", fn())
+        except Exception as err:
+            box[0] = ("error", f"{type(err).__name__}: {err}")
+            dist.broadcast_object_list(box, src=0)
             raise
-        _share_outcome(None)
-    else:
-        failure = _share_outcome(None)
-        if failure is not None:
-            raise RuntimeError(
-                f"rank {get_rank()}: rank 0 failed in a main-process-first block "
-                f"(see rank 0's log): {failure}"
-            )
-        yield False
-
-
-def rank0_first(fn: _Fn) -> _Fn:
-    """Decorator form of :func:`main_process_first` (the callee is not told its rank)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with main_process_first():
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _share_outcome(failure: str | None) -> str | None:
-    # A broadcast, not a bare barrier: the waiting ranks learn whether rank 0 succeeded.
-    box = [failure]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"rank {get_rank()}: rank 0 failed (see its log): {value}")
+    return value
 
 
 def broadcast_from_main(value: Any) -> Any:
@@ -185,6 +213,8 @@ def init_rank(settings: dict) -> None:
         )
     logger.debug("rank %d of %d joined (%s on %s)", rank, world_size, backend, device)
 
+    global _local_rank
+    _local_rank = local_rank
     settings["world_size"] = world_size
     settings["device"] = device
     settings["single_spec"] = False

@@ -14,7 +14,7 @@ from recbole.utils import get_flops, init_logger, init_seed, set_color
 from recbole.data.transform import construct_transform
 
 from recbole_iisan.config import Config
-from recbole_iisan.distributed import cpu_threads_per_rank, find_free_port
+from recbole_iisan.distributed import cpu_threads_per_rank, find_free_port, is_main_process
 from recbole_iisan.utils import create_dataset, data_preparation, get_model, get_trainer, is_plugin_model
 
 
@@ -73,7 +73,7 @@ def run_recbole_iisan(model=None, dataset=None, config_file_list=None, config_di
         "test_result": _json_ready(test_result),
         "efficiency": efficiency,
     }
-    if config["result_file"] and config["local_rank"] == 0:
+    if config["result_file"] and is_main_process():  # one writer across all machines
         write_result(result, config["result_file"])
     return result
 

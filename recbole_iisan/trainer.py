@@ -10,7 +10,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 
 from recbole_iisan.compat import load_checkpoint
-from recbole_iisan.distributed import barrier, broadcast_from_main, wrap_model
+from recbole_iisan.distributed import broadcast_from_main, run_on_main, wrap_model
 from recbole_iisan.efficiency import PeakMemory, count_parameters, mean, stopwatch
 
 
@@ -38,7 +38,7 @@ class MeteredTrainerMixin:
             config["single_spec"] = not distributed
         if distributed:
             self.distributed_model = wrap_model(self.model, config["device"])
-            # Its name carries the local time: every rank must load rank 0's checkpoint.
+            # Its name carries the local time; every rank names (and logs) rank 0's file.
             self.saved_model_file = broadcast_from_main(self.saved_model_file)
         self.epoch_seconds: list[float] = []
         self.eval_seconds: list[float] = []
@@ -92,10 +92,14 @@ class MeteredTrainerMixin:
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
     def load_best_model(self, model_file=None) -> None:
-        # In a distributed run rank 0 alone writes the checkpoint; the others wait for it.
-        barrier()
         checkpoint_file = model_file or self.saved_model_file
-        checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)
+        if self.config["single_spec"]:
+            checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)
+        else:
+            # Rank 0 alone wrote the checkpoint, possibly on a disk only its machine sees:
+            # it reads it (once the file is complete) and sends the weights to every rank.
+            checkpoint = run_on_main(lambda: _weights_only(load_checkpoint(checkpoint_file,
+                                                                           map_location="cpu")))
         self._load_model_state(checkpoint["state_dict"])
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
         self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
@@ -136,6 +140,11 @@ class MeteredTrainerMixin:
             if seconds:
                 figures["cache_build_seconds"] = seconds
         return figures
+
+
+def _weights_only(checkpoint: dict) -> dict:
+    # What a rank needs to load the best model; the pickled Config and optimizer stay behind.
+    return {"state_dict": checkpoint["state_dict"], "other_parameter": checkpoint.get("other_parameter")}
 
 
 class IISANTrainer(MeteredTrainerMixin, Trainer):

@@ -177,7 +177,7 @@ def test_iisan_is_symmetric_with_wide_heads(plugin_config, tiny_models):
     cfg.update(text_taps=[1, 3], image_taps=[1, 3])
     config, model, _ = build("IISAN", cfg)
     assert config["adapter_learning_rate"] == 1e-4          # IISAN.yaml over IISANVersa.yaml
-    assert config["train_protocol"] == "iisan"              # inherited from IISANVersa.yaml
+    assert config["train_protocol"] == "iisan"              # from ContentSequentialRecommender.yaml
     assert model.heads["text"][0].out_features == 32        # wide: Linear(width, width) first
     with pytest.raises(ValueError, match="symmetric"):
         build("IISAN", dict(cfg, image_encoder=tiny_models["vit48"]))

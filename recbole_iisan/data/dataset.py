@@ -188,7 +188,12 @@ class ItemSide:
                 encoder = self.load_encoder(modality)
                 return lambda batch: encoder.encode([_materialise(x) for x in batch])
 
-            with main_process_first():
+            # Loading an encoder draws random numbers (weight init before the checkpoint is
+            # read): fork the generators so a run that builds the cache trains exactly like
+            # one that finds it (a sweep's first trial, rank 0 of several).
+            device = torch.device(self.config["device"])
+            with main_process_first(), torch.random.fork_rng(
+                    devices=[device] if device.type == "cuda" else []):
                 states = cache.load_or_build(
                     encoder_fn, raw, rebuild=bool(self.config["rebuild_cache"]),
                     batch_size=self.config["encode_batch_size"],

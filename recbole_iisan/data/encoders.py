@@ -378,8 +378,8 @@ class FrozenEncoder(nn.Module):
 
     Frozen: no backbone parameter requires grad, the backbone stays in eval mode even when
     a parent module is put in training mode, and `forward` runs under ``torch.no_grad``.
-    `pool_taps` is the same tap selection and pooling without ``no_grad``, for callers that
-    fine-tune the backbone (PEFT baselines) and run it themselves.
+    `tap_states` is `forward` with autograd, for callers that fine-tune the backbone (the
+    PEFT baselines): they choose which parameters train and put the backbone in train mode.
     """
 
     modality: str
@@ -544,12 +544,17 @@ class TextEncoder(FrozenEncoder):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **inputs) -> torch.Tensor:
+        with torch.no_grad():
+            return self.tap_states(input_ids, attention_mask, **inputs)
+
+    def tap_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   **inputs) -> torch.Tensor:
+        """`forward` with autograd: for callers that fine-tune the backbone."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        with torch.no_grad():
-            outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                    output_hidden_states=True, **inputs)
-            return self.pool_taps(self._hidden_states(outputs), attention_mask)
+        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                output_hidden_states=True, **inputs)
+        return self.pool_taps(self._hidden_states(outputs), attention_mask)
 
     def pool_taps(self, hidden_states, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, n_taps, width] float32 from the backbone's hidden_states tuple."""
@@ -606,10 +611,14 @@ class ImageEncoder(FrozenEncoder):
         return dict(self.processor(images=images, return_tensors="pt"))
 
     def forward(self, pixel_values: torch.Tensor, **inputs) -> torch.Tensor:
-        dtype = next(self.backbone.parameters()).dtype
         with torch.no_grad():
-            outputs = self.backbone(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **inputs)
-            return self.pool_taps(self._hidden_states(outputs))
+            return self.tap_states(pixel_values, **inputs)
+
+    def tap_states(self, pixel_values: torch.Tensor, **inputs) -> torch.Tensor:
+        """`forward` with autograd: for callers that fine-tune the backbone."""
+        dtype = next(self.backbone.parameters()).dtype
+        outputs = self.backbone(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **inputs)
+        return self.pool_taps(self._hidden_states(outputs))
 
     def pool_taps(self, hidden_states) -> torch.Tensor:
         """[B, n_taps, width] float32 from the backbone's hidden_states tuple."""
@@ -703,16 +712,20 @@ class CNNImageEncoder(FrozenEncoder):
         return {"pixel_values": (pixels / 255.0 - 0.5) / 0.5}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.tap_states(pixel_values)
+
+    def tap_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`forward` with autograd: for callers that fine-tune the backbone."""
         net = self.backbone
         dtype = net._conv_stem.weight.dtype
         wanted = set(self.taps)
-        with torch.no_grad():
-            x = net._swish(net._bn0(net._conv_stem(pixel_values.to(dtype))))
-            pooled = [x.float().mean(dim=(2, 3))]
-            for index, block in enumerate(net._blocks[: self.taps[-1] + 1]):
-                x = block(x)
-                if index in wanted:
-                    pooled.append(x.float().mean(dim=(2, 3)))
+        x = net._swish(net._bn0(net._conv_stem(pixel_values.to(dtype))))
+        pooled = [x.float().mean(dim=(2, 3))]
+        for index, block in enumerate(net._blocks[: self.taps[-1] + 1]):
+            x = block(x)
+            if index in wanted:
+                pooled.append(x.float().mean(dim=(2, 3)))
         padded = [nn.functional.pad(p, (0, self.width - p.shape[1])) for p in pooled]
         return torch.stack(padded, dim=1)
 
