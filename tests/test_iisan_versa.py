@@ -209,3 +209,14 @@ def test_short_training_beats_untrained(quick_config, tmp_path):
     trainer.fit(train, valid, saved=False, show_progress=False)
     after = trainer.evaluate(test, load_best_model=False)["ndcg@10"]
     assert after > before + 0.05, (before, after)
+
+
+def test_cached_and_uncached_runs_train_to_the_same_metrics(plugin_config, tmp_path):
+    # End to end: loading a backbone (uncached, or to build the cache) must not shift the
+    # random streams that drive initialisation, dropout and shuffling.
+    cfg = dict(plugin_config, cache_dtype="float32", epochs=2, eval_step=0)
+    cached = run_recbole_iisan("IISANVersa", "demo", config_dict=cfg, saved=False)
+    uncached = run_recbole_iisan("IISANVersa", "demo", config_dict=dict(cfg, use_cache=False), saved=False)
+    assert cached["efficiency"].get("cache_build_seconds")
+    for metric, value in cached["test_result"].items():
+        assert abs(uncached["test_result"][metric] - value) < 1e-3, metric

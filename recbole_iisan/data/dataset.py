@@ -164,8 +164,13 @@ class ItemSide:
         return self._specs[modality]
 
     def load_encoder(self, modality: str, device=None):
-        return load_encoder(modality, self.config[f"{modality}_encoder"],
-                            device=device or self.config["device"], **self.encoder_options(modality))
+        # Loading draws random numbers (weight init before the checkpoint is read): fork the
+        # generators so a run that loads a backbone (to build the cache, or uncached) trains
+        # exactly like one that does not (a sweep's later trials, the other ranks).
+        device = torch.device(device or self.config["device"])
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return load_encoder(modality, self.config[f"{modality}_encoder"], device=device,
+                                **self.encoder_options(modality))
 
     def layer_cache(self, modality: str) -> LayerCache:
         raw = self.raw_items(modality)
@@ -188,12 +193,7 @@ class ItemSide:
                 encoder = self.load_encoder(modality)
                 return lambda batch: encoder.encode([_materialise(x) for x in batch])
 
-            # Loading an encoder draws random numbers (weight init before the checkpoint is
-            # read): fork the generators so a run that builds the cache trains exactly like
-            # one that finds it (a sweep's first trial, rank 0 of several).
-            device = torch.device(self.config["device"])
-            with main_process_first(), torch.random.fork_rng(
-                    devices=[device] if device.type == "cuda" else []):
+            with main_process_first():
                 states = cache.load_or_build(
                     encoder_fn, raw, rebuild=bool(self.config["rebuild_cache"]),
                     batch_size=self.config["encode_batch_size"],
