@@ -245,12 +245,9 @@ def parse_overrides(args: list[str]) -> dict:
     command line (RecBole's rule: a Python literal, true/false, else the string)."""
     from recbole.config import Config as RecBoleConfig
 
-    settings = {}
-    for arg in args:
-        name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not sep or not name:
-            raise ValueError(f"unknown argument {arg!r}: config settings are --key=value")
-        settings[name] = value
+    from recbole_iisan.utils import split_overrides
+
+    settings = split_overrides(args)
     # The converter uses no instance state; RecBole offers it as a method only.
     return RecBoleConfig._convert_config_dict(None, settings)
 

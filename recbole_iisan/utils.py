@@ -23,6 +23,17 @@ PLUGIN_MODELS = {
 }
 
 
+def split_overrides(args: list[str]) -> dict[str, str]:
+    """``--key=value`` command-line arguments as ``{key: "value"}`` (values left as text)."""
+    overrides = {}
+    for arg in args:
+        name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not sep or not name:
+            raise ValueError(f"unknown argument {arg!r}: config settings are --key=value")
+        overrides[name] = value
+    return overrides
+
+
 def is_plugin_model(model_name: str) -> bool:
     return model_name in PLUGIN_MODELS
 
