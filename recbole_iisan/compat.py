@@ -6,6 +6,8 @@ re-adding numpy names that numpy 2 removed.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -75,3 +77,27 @@ def import_hyperopt():
         if sys.modules.get("pkg_resources") is stand_in:
             del sys.modules["pkg_resources"]
     return hyperopt
+
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@contextmanager
+def autocast_dtype(device, name: str | None):
+    """Make ``name`` the dtype of RecBole's ``enable_amp`` autocast on ``device`` meanwhile.
+
+    RecBole opens ``torch.autocast`` without a dtype, so it takes the device's default
+    (float16 on CUDA); this sets that default for the duration, e.g. to bfloat16.
+    """
+    if not name:
+        yield
+        return
+    if name not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype '{name}' is not one of {', '.join(AMP_DTYPES)}")
+    kind = torch.device(device).type
+    previous = torch.get_autocast_dtype(kind)
+    torch.set_autocast_dtype(kind, AMP_DTYPES[name])
+    try:
+        yield
+    finally:
+        torch.set_autocast_dtype(kind, previous)

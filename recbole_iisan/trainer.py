@@ -9,7 +9,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_iisan.compat import load_checkpoint
+from recbole_iisan.compat import autocast_dtype, load_checkpoint
 from recbole_iisan.distributed import broadcast_from_main, run_on_main, wrap_model
 from recbole_iisan.efficiency import PeakMemory, count_parameters, mean, stopwatch
 
@@ -115,7 +115,7 @@ class MeteredTrainerMixin:
             self.peak_memory_mb = self.peak_memory.peak_mb()
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        with stopwatch(self.epoch_seconds):
+        with stopwatch(self.epoch_seconds), autocast_dtype(self.device, self.config["amp_dtype"]):
             return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func,
                                         show_progress=show_progress)
 

@@ -220,3 +220,22 @@ def test_cached_and_uncached_runs_train_to_the_same_metrics(plugin_config, tmp_p
     assert cached["efficiency"].get("cache_build_seconds")
     for metric, value in cached["test_result"].items():
         assert abs(uncached["test_result"][metric] - value) < 1e-3, metric
+
+
+@pytest.mark.parametrize("amp_dtype,expected", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_amp_dtype_sets_the_training_autocast_precision(plugin_config, amp_dtype, expected):
+    # RecBole's enable_amp autocast takes the device's default dtype; amp_dtype chooses it.
+    config, model, (train, _, _) = build("IISANVersa", dict(plugin_config, enable_amp=True, amp_dtype=amp_dtype))
+    seen = []
+    model.fusion.register_forward_hook(  # a Linear: autocast runs it in the chosen dtype
+        lambda module, args, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    before = torch.get_autocast_dtype("cpu")
+    IISANTrainer(config, model)._train_epoch(train, 0)
+    assert seen and all(enabled and dtype == expected for enabled, dtype in seen)
+    assert torch.get_autocast_dtype("cpu") == before   # restored afterwards
+
+
+def test_unknown_amp_dtype_is_named(plugin_config):
+    config, model, (train, _, _) = build("IISANVersa", dict(plugin_config, enable_amp=True, amp_dtype="int8"))
+    with pytest.raises(ValueError, match="amp_dtype 'int8'"):
+        IISANTrainer(config, model)._train_epoch(train, 0)

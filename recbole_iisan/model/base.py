@@ -10,6 +10,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from recbole_iisan.compat import autocast_dtype
 from recbole_iisan.data.dataset import MultimodalSequentialDataset, modalities_of
 from recbole_iisan.model.layers import UserEncoder, inbatch_softmax_loss, log_popularity
 
@@ -96,7 +97,9 @@ class ContentSequentialRecommender(SequentialRecommender):
         if self._item_table is None:
             # RecBole calls this once per evaluation batch; the table is the same for all of
             # them, so it is built once per evaluation pass and dropped by train().
-            with torch.autocast(seq_output.device.type, enabled=self._eval_autocast()):
+            device = seq_output.device
+            with autocast_dtype(device, self.config["amp_dtype"]), \
+                    torch.autocast(device.type, enabled=self._eval_autocast()):
                 self._item_table = self.item_table().float()
             self.item_table_builds += 1
         return seq_output @ self._item_table.t()
