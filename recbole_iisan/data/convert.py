@@ -331,26 +331,40 @@ Event = tuple[str, float, str]
 Histories = dict[str, list[Event]]
 
 
-def _read_history_file(path: Path, report: ConvertReport, clock: list[int]) -> Histories:
-    """``user<TAB>item item ...`` lines; the timestamp is a global counter in file order."""
-    histories: Histories = {}
-    first_line: dict[str, int] = {}
-    for line_no, fields in _records(path, report, "\t"):
+def _two_columns(path: Path, report: ConvertReport, delimiter: str, expected: str):
+    """(where, first column stripped, second column) of rows with exactly two columns."""
+    for line_no, fields in _records(path, report, delimiter):
         where = f"{path.name}:{line_no}"
         if len(fields) != 2:
-            report.bad("wrong_columns", f"{where}: {len(fields)} tab-separated columns, expected 2")
+            report.bad("wrong_columns", f"{where}: {len(fields)} {expected}")
             continue
-        user = fields[0].strip()
-        problem = _id_problem(user, is_item=False)
+        yield where, fields[0].strip(), fields[1]
+
+
+def _first_valid(rows, report: ConvertReport, is_item: bool, duplicate_kind: str):
+    """The (where, key, value) rows whose key is a valid id seen for the first time; the
+    others are reported (``bad_id``, ``duplicate_kind``), the first of duplicates kept."""
+    noun = "item" if is_item else "user"
+    first: dict[str, str] = {}
+    for where, key, value in rows:
+        problem = _id_problem(key, is_item=is_item)
         if problem:
             report.bad("bad_id", f"{where}: {problem}")
             continue
-        if user in first_line:
-            report.bad("duplicate_user", f"{where}: user {user!r} already on line {first_line[user]}")
+        if key in first:
+            report.bad(duplicate_kind, f"{where}: {noun} {key!r} already on {first[key]}")
             continue
-        first_line[user] = line_no
+        first[key] = where
+        yield where, key, value
+
+
+def _read_history_file(path: Path, report: ConvertReport, clock: list[int]) -> Histories:
+    """``user<TAB>item item ...`` lines; the timestamp is a global counter in file order."""
+    histories: Histories = {}
+    rows = _two_columns(path, report, "\t", "tab-separated columns, expected 2")
+    for where, user, items in _first_valid(rows, report, is_item=False, duplicate_kind="duplicate_user"):
         events: list[Event] = []
-        for item in fields[1].split():
+        for item in items.split():
             problem = _id_problem(item, is_item=True)
             if problem:
                 report.bad("bad_id", f"{where}: {problem}")
@@ -461,24 +475,9 @@ ItemTable = dict[str, dict[str, str]]
 
 def _read_item_texts(path: Path, report: ConvertReport, delimiter: str, column: str, kind: str) -> ItemTable:
     """``item<sep>text`` rows into {item: {column: text}}; the first of duplicates is kept."""
-    table: ItemTable = {}
-    first_line: dict[str, str] = {}
-    for line_no, fields in _records(path, report, delimiter):
-        where = f"{path.name}:{line_no}"
-        if len(fields) != 2:
-            report.bad("wrong_columns", f"{where}: {len(fields)} columns, expected 2 (item, {column})")
-            continue
-        item = fields[0].strip()
-        problem = _id_problem(item, is_item=True)
-        if problem:
-            report.bad("bad_id", f"{where}: {problem}")
-            continue
-        if item in first_line:
-            report.bad(kind, f"{where}: item {item!r} already on {first_line[item]}")
-            continue
-        first_line[item] = where
-        table[item] = {column: sanitize_text(fields[1])}
-    return table
+    rows = _two_columns(path, report, delimiter, f"columns, expected 2 (item, {column})")
+    return {item: {column: sanitize_text(text)}
+            for _, item, text in _first_valid(rows, report, is_item=True, duplicate_kind=kind)}
 
 
 def _join_text(value: object) -> str:
@@ -490,22 +489,16 @@ def _join_text(value: object) -> str:
 
 
 def _read_amazon_meta(path: Path, report: ConvertReport) -> ItemTable:
+    def rows():
+        for where, meta in _json_objects(path, report):
+            item = meta.get("asin")
+            if not isinstance(item, str):
+                report.bad("missing_field", f"{where}: asin")
+                continue
+            yield where, item.strip(), meta
+
     table: ItemTable = {}
-    first: dict[str, str] = {}
-    for where, meta in _json_objects(path, report):
-        item = meta.get("asin")
-        if not isinstance(item, str):
-            report.bad("missing_field", f"{where}: asin")
-            continue
-        item = item.strip()
-        problem = _id_problem(item, is_item=True)
-        if problem:
-            report.bad("bad_id", f"{where}: {problem}")
-            continue
-        if item in first:
-            report.bad("duplicate_item", f"{where}: item {item!r} already on {first[item]}")
-            continue
-        first[item] = where
+    for _, item, meta in _first_valid(rows(), report, is_item=True, duplicate_kind="duplicate_item"):
         urls = meta.get("imageURL") or meta.get("imUrl")  # imUrl: the 2014 metadata
         table[item] = {
             "title": sanitize_text(_join_text(meta.get("title"))),
