@@ -108,12 +108,19 @@ def test_numpy_output_and_meta_contents(tmp_path):
     assert cache.path.parent == tmp_path and cache.path.name == f"text-{cache.key[:20]}"
 
 
-def test_second_load_does_not_call_the_factory(tmp_path):
+def recording_factory():
+    """An encoder factory that keeps every encoder it makes (to count builds and calls)."""
     made = []
 
     def factory():
         made.append(FakeEncoder())
         return made[-1]
+
+    return made, factory
+
+
+def test_second_load_does_not_call_the_factory(tmp_path):
+    made, factory = recording_factory()
 
     first = make_cache(tmp_path)
     first.load_or_build(factory, ITEMS, progress=False)
@@ -126,11 +133,7 @@ def test_second_load_does_not_call_the_factory(tmp_path):
 
 
 def test_rebuild_true_rebuilds(tmp_path):
-    made = []
-
-    def factory():
-        made.append(FakeEncoder())
-        return made[-1]
+    made, factory = recording_factory()
 
     make_cache(tmp_path).load_or_build(factory, ITEMS, progress=False)
     cache = make_cache(tmp_path)
@@ -227,11 +230,7 @@ def test_leftover_tmp_folder_is_never_read_and_is_cleaned(tmp_path):
 
 
 def test_corrupt_meta_is_invalid_and_rebuilt(tmp_path):
-    made = []
-
-    def factory():
-        made.append(FakeEncoder())
-        return made[-1]
+    made, factory = recording_factory()
 
     cache = make_cache(tmp_path)
     cache.build(FakeEncoder(), ITEMS, progress=False)
