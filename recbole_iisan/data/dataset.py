@@ -144,8 +144,9 @@ class ItemSide:
         return [_materialise(raw[int(i)]) for i in item_ids]
 
     def batch_inputs(self, modality: str, item_ids, encoder) -> dict:
-        """Tokenized text or preprocessed pixels for a batch (uncached mode, fine-tuning)."""
-        return encoder.preprocess(self.raw_batch(modality, item_ids))
+        """Tokenized text or preprocessed pixels for a batch, on the encoder's device
+        (uncached mode, fine-tuning)."""
+        return encoder.inputs_on_device(self.raw_batch(modality, item_ids))
 
     # -- encoders and the layer cache -------------------------------------------------------
     def encoder_options(self, modality: str) -> dict:
@@ -163,14 +164,16 @@ class ItemSide:
                 modality, self.config[f"{modality}_encoder"], **self.encoder_options(modality))
         return self._specs[modality]
 
-    def load_encoder(self, modality: str, device=None):
+    def load_encoder(self, modality: str, device=None, **overrides):
+        """The modality's encoder as configured; ``overrides`` replace encoder options
+        (e.g. ``taps`` for a model that needs other layers than the cache's)."""
         # Loading draws random numbers (weight init before the checkpoint is read): fork the
-        # generators so a run that loads a backbone (to build the cache, or uncached) trains
-        # exactly like one that does not (a sweep's later trials, the other ranks).
+        # generators so a run that loads a backbone (to build the cache, uncached, or to
+        # fine-tune) trains exactly like one that does not (later trials, the other ranks).
         device = torch.device(device or self.config["device"])
+        options = dict(self.encoder_options(modality), **overrides)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return load_encoder(modality, self.config[f"{modality}_encoder"], device=device,
-                                **self.encoder_options(modality))
+            return load_encoder(modality, self.config[f"{modality}_encoder"], device=device, **options)
 
     def layer_cache(self, modality: str) -> LayerCache:
         raw = self.raw_items(modality)

@@ -428,11 +428,14 @@ class FrozenEncoder(nn.Module):
     def preprocess(self, raw: list) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def inputs_on_device(self, raw: list) -> dict:
+        """`preprocess` output moved to the backbone's device, ready for `forward` / `tap_states`."""
+        device = self.device
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.preprocess(raw).items()}
+
     def encode(self, raw: list) -> torch.Tensor:
         """[B, n_taps, width] float32 states of raw items, computed on the backbone's device."""
-        device = self.device
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.preprocess(raw).items()}
-        return self(**inputs)
+        return self(**self.inputs_on_device(raw))
 
     def _label(self) -> str:
         return _label(self.modality, self.name)

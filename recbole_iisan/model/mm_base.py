@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recbole_iisan.data.encoders import FrozenEncoder, load_encoder
+from recbole_iisan.data.encoders import FrozenEncoder
 from recbole_iisan.data.items import blank_image
 from recbole_iisan.model.base import ContentSequentialRecommender
 
@@ -51,8 +51,7 @@ class ItemHead(nn.Module):
 
 def probe_inputs(encoder: FrozenEncoder) -> dict:
     """A one-item input for the encoder: a short text, or a blank image."""
-    raw = ["item"] if encoder.modality == "text" else [blank_image()]
-    return {k: v.to(encoder.device) if torch.is_tensor(v) else v for k, v in encoder.preprocess(raw).items()}
+    return encoder.inputs_on_device(["item"] if encoder.modality == "text" else [blank_image()])
 
 
 def freeze_unreachable(encoder: FrozenEncoder) -> list[str]:
@@ -112,9 +111,8 @@ class MMBaseline(ContentSequentialRecommender):
     # -- the backbones ---------------------------------------------------------------------
     def _tuned_encoder(self, modality: str) -> FrozenEncoder:
         """The modality's encoder, tapping only its last layer, adapted by the subclass."""
-        spec = self.item_side.spec(modality)
-        options = dict(self.item_side.encoder_options(modality), taps=[spec.n_layers - 1])
-        encoder = load_encoder(modality, self.config[f"{modality}_encoder"], device="cpu", **options)
+        last_layer = self.item_side.spec(modality).n_layers - 1
+        encoder = self.item_side.load_encoder(modality, device="cpu", taps=[last_layer])
         self.adapt_backbone(encoder, modality)
         freeze_unreachable(encoder)
         trainable = [(n, p) for n, p in encoder.backbone.named_parameters() if p.requires_grad]
@@ -158,7 +156,6 @@ class MMBaseline(ContentSequentialRecommender):
             chunks = []
             for start in range(0, len(real_ids), step):
                 inputs = self.item_side.batch_inputs(modality, real_ids[start:start + step], encoder)
-                inputs = {k: v.to(encoder.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
                 # Taps are zero-padded to the widest; the last one's real columns come first.
                 chunks.append(encoder.tap_states(**inputs)[:, -1, :width])
             out[real] = torch.cat(chunks).to(device=ids.device, dtype=out.dtype)
